@@ -43,6 +43,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -105,6 +106,16 @@ TCP_USER_TIMEOUT_MS = 2500
 
 #: Longest statement the database runs for us.
 STATEMENT_TIMEOUT_MS = 5000
+
+#: Work on a pooled connection that has not finished after this long has
+#: its socket cut.  A host that stops answering while something still
+#: acknowledges the bytes (a proxy in front of it, a frozen server) is seen
+#: by neither the TCP user timeout nor the statement timeout.  A second
+#: more than the statement timeout, so that the server reports its own.
+WORK_DEADLINE_SECONDS = STATEMENT_TIMEOUT_MS / 1000 + 1
+
+#: /health's deadline: it answers within about three seconds.
+HEALTH_DEADLINE_SECONDS = 2.0
 
 #: A pooled connection that fails faster than this was stale (the server
 #: restarted under it) and the work is retried once on a fresh connection;
@@ -194,7 +205,9 @@ class Settings:
 class ApiError(Exception):
     """A request the service refuses, answered as {"error": message}."""
 
-    def __init__(self, status, message, headers=(), **extra):
+    # status and message are positional-only, so that extra may carry a
+    # "status" field of its own (the 503 of GET /health does).
+    def __init__(self, status, message, /, headers=(), **extra):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -256,8 +269,9 @@ def _parse_float(text):
 
 
 def _parse_int(text):
-    # Digits past 309 overflow a double; int() would also balk at 4,300.
-    if len(text) > 309 and math.isinf(float(text)):
+    # The largest double, about 1.8e308, has 309 digits, so 309 digits may
+    # already overflow; int() would also balk at 4,300.
+    if len(text) > 308 and math.isinf(float(text)):
         raise ValueError("a number overflows a double")
     return int(text)
 
@@ -604,9 +618,10 @@ class ConnectionPool:
         self._slots = threading.BoundedSemaphore(size)
         self._open = 0
 
-    def run(self, work):
+    def run(self, work, deadline=WORK_DEADLINE_SECONDS):
         """Call work(cursor) on a pooled connection and return its result.
 
+        Work still running after deadline seconds has its connection cut.
         Raises DatabaseUnavailableError when the database cannot do it.
         """
         if not self._slots.acquire(timeout=POOL_WAIT_SECONDS):
@@ -615,7 +630,7 @@ class ConnectionPool:
             conn, reused = self._checkout()
             started = time.monotonic()
             try:
-                return self._call(conn, work)
+                return self._call(conn, work, deadline)
             except DatabaseUnavailableError:
                 elapsed = time.monotonic() - started
                 if not reused or elapsed >= STALE_FAILURE_SECONDS:
@@ -625,7 +640,7 @@ class ConnectionPool:
             # Inserts are idempotent, so a repeat cannot store twice.
             self.close_idle()
             conn, _ = self._checkout()
-            return self._call(conn, work)
+            return self._call(conn, work, deadline)
         finally:
             self._slots.release()
 
@@ -656,20 +671,28 @@ class ConnectionPool:
             raise DatabaseUnavailableError(first_line(e)) from e
         return conn, False
 
-    def _call(self, conn, work):
+    def _call(self, conn, work, deadline):
+        cutter = ConnectionCutter(conn, deadline)
         try:
             with conn.cursor() as cursor:
                 result = work(cursor)
         except psycopg2.Error as e:
-            healthy = not is_outage(e)
+            cut = cutter.cancel()
+            healthy = not cut and not is_outage(e)
             self._checkin(conn, healthy)
             if healthy:
                 raise
+            if cut:
+                raise DatabaseUnavailableError(
+                    f"no answer within {deadline:g} s"
+                ) from e
             raise DatabaseUnavailableError(first_line(e)) from e
         except BaseException:
+            cutter.cancel()
             self._checkin(conn, healthy=False)
             raise
-        self._checkin(conn, healthy=True)
+        # Cut just as the work finished: the socket is gone all the same.
+        self._checkin(conn, healthy=not cutter.cancel())
         return result
 
     def _checkin(self, conn, healthy):
@@ -681,6 +704,48 @@ class ConnectionPool:
         with self._lock:
             self._open -= 1
         conn.close()
+
+
+class ConnectionCutter:
+    """Shut a connection's socket down if work on it outlives a deadline.
+
+    libpq waits for an answer as long as its socket stays open.  Shutting
+    the socket down (without closing the descriptor, which libpq owns)
+    makes the waiting call fail at once, and the pool discards the
+    connection.
+    """
+
+    def __init__(self, conn, seconds):
+        self._fd = conn.fileno()
+        self._lock = threading.Lock()
+        self._finished = False
+        self._cut = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self):
+        """Stop the clock; return whether the connection was cut."""
+        self._timer.cancel()
+        with self._lock:
+            self._finished = True
+            return self._cut
+
+    def _expire(self):
+        with self._lock:
+            if self._finished:
+                return
+            self._cut = True
+            try:
+                sock = socket.socket(fileno=self._fd)
+            except OSError:
+                return
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                sock.detach()
 
 
 def first_line(exc):
@@ -951,10 +1016,13 @@ class AnalyticsApp:
         the filters site, session_id and type.  Answers 200 with
         {"events": [...]}, 400 for a bad limit, 503 without a database.
         """
-        query = parse_qs(environ.get("QUERY_STRING", ""))
+        # Blank values kept, so that ?limit= is refused; a blank filter is
+        # no filter.
+        query = parse_qs(environ.get("QUERY_STRING", ""),
+                         keep_blank_values=True)
         params = {
             name: _UNSTORABLE.sub("\ufffd", query[name][0])
-            if name in query else None
+            if query.get(name, [""])[0] else None
             for name in ("site", "session_id", "type")
         }
         params["limit"] = parse_limit(query.get("limit", [None])[0])
@@ -978,7 +1046,7 @@ class AnalyticsApp:
             return row[0] if row else None
 
         try:
-            version = self.pool.run(work)
+            version = self.pool.run(work, deadline=HEALTH_DEADLINE_SECONDS)
         except DatabaseUnavailableError as e:
             logger.warning("health check failed: %s", e)
             raise ApiError(
