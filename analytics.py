@@ -32,8 +32,7 @@ who may.  An event sent without ``at``, or whose ``at`` was outside the
 clock window and replaced by the receipt time, is stored again when the
 browser resends it, because its time is part of its identity.  When a JSON
 object repeats a key, the last value wins, as in jsonb.  received_at comes
-from this process's clock.  Bodies over twice the body limit are refused by
-waitress itself with a plain-text 413 before this code sees them.
+from this process's clock.
 """
 
 import hashlib
@@ -57,6 +56,8 @@ from urllib.parse import parse_qs
 import psycopg2
 import psycopg2.extensions
 import waitress
+import waitress.channel
+import waitress.task
 import waitress.wasyncore
 
 
@@ -65,10 +66,10 @@ import waitress.wasyncore
 #: Largest request body, counted after gzip is undone (the contract's 1 MiB).
 MAX_BODY_BYTES = 1024 * 1024
 
-#: Waitress refuses bodies past this itself, with its own plain-text 413.
-#: Twice the contract's limit, so that bodies just over it still get the
-#: JSON answer that names the limit.
-SERVER_BODY_CAP = 2 * MAX_BODY_BYTES
+#: Waitress refuses bodies past this before the application sees them
+#: (JsonErrorTask words the answer).  The slack is for gzip, whose output
+#: is slightly larger than incompressible input.
+SERVER_BODY_CAP = MAX_BODY_BYTES + 64 * 1024
 
 #: Most events in one batch; the provider flushes at 25.
 MAX_EVENTS_PER_BATCH = 500
@@ -116,6 +117,9 @@ WORK_DEADLINE_SECONDS = STATEMENT_TIMEOUT_MS / 1000 + 1
 
 #: /health's deadline: it answers within about three seconds.
 HEALTH_DEADLINE_SECONDS = 2.0
+
+#: How often the watchdog looks for database calls past their deadline.
+WATCHDOG_TICK_SECONDS = 0.1
 
 #: A pooled connection that fails faster than this was stale (the server
 #: restarted under it) and the work is retried once on a fresh connection;
@@ -304,11 +308,12 @@ def read_body(environ):
         declared = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number.")
-    if declared > MAX_BODY_BYTES:
+    gzipped = encoding in ("gzip", "x-gzip")
+    if declared > MAX_BODY_BYTES and not gzipped:
         raise _body_too_large()
     raw = environ["wsgi.input"].read(declared) if declared > 0 else b""
 
-    if encoding in ("gzip", "x-gzip"):
+    if gzipped:
         raw = gunzip(raw)
     text = raw.decode("utf-8", "replace")
     return text[1:] if text.startswith("\ufeff") else text
@@ -617,6 +622,7 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(size)
         self._open = 0
+        self._watchdog = Watchdog()
 
     def run(self, work, deadline=WORK_DEADLINE_SECONDS):
         """Call work(cursor) on a pooled connection and return its result.
@@ -672,12 +678,12 @@ class ConnectionPool:
         return conn, False
 
     def _call(self, conn, work, deadline):
-        cutter = ConnectionCutter(conn, deadline)
+        call = self._watchdog.watch(conn, deadline)
         try:
             with conn.cursor() as cursor:
                 result = work(cursor)
         except psycopg2.Error as e:
-            cut = cutter.cancel()
+            cut = self._watchdog.release(call)
             healthy = not cut and not is_outage(e)
             self._checkin(conn, healthy)
             if healthy:
@@ -688,11 +694,11 @@ class ConnectionPool:
                 ) from e
             raise DatabaseUnavailableError(first_line(e)) from e
         except BaseException:
-            cutter.cancel()
+            self._watchdog.release(call)
             self._checkin(conn, healthy=False)
             raise
         # Cut just as the work finished: the socket is gone all the same.
-        self._checkin(conn, healthy=not cutter.cancel())
+        self._checkin(conn, healthy=not self._watchdog.release(call))
         return result
 
     def _checkin(self, conn, healthy):
@@ -706,46 +712,66 @@ class ConnectionPool:
         conn.close()
 
 
-class ConnectionCutter:
-    """Shut a connection's socket down if work on it outlives a deadline.
+class Watchdog:
+    """Cut the sockets of database calls that outlive their deadlines.
 
-    libpq waits for an answer as long as its socket stays open.  Shutting
-    the socket down (without closing the descriptor, which libpq owns)
-    makes the waiting call fail at once, and the pool discards the
-    connection.
+    libpq waits for an answer as long as its socket stays open.  One
+    daemon thread looks over the calls in progress every tick and shuts
+    down the socket of any that is late (without closing the descriptor,
+    which libpq owns), so the waiting call fails at once and the pool
+    discards the connection.
     """
 
-    def __init__(self, conn, seconds):
-        self._fd = conn.fileno()
+    def __init__(self, tick=WATCHDOG_TICK_SECONDS):
+        self._tick = tick
         self._lock = threading.Lock()
-        self._finished = False
-        self._cut = False
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        self._calls = {}
+        threading.Thread(target=self._run, name="db-watchdog",
+                         daemon=True).start()
 
-    def cancel(self):
+    def watch(self, conn, seconds):
+        """Start the clock on a call; return the token to release it."""
+        call = _WatchedCall(time.monotonic() + seconds, conn.fileno())
+        with self._lock:
+            self._calls[id(call)] = call
+        return call
+
+    def release(self, call):
         """Stop the clock; return whether the connection was cut."""
-        self._timer.cancel()
         with self._lock:
-            self._finished = True
-            return self._cut
+            self._calls.pop(id(call), None)
+        return call.cut
 
-    def _expire(self):
-        with self._lock:
-            if self._finished:
-                return
-            self._cut = True
-            try:
-                sock = socket.socket(fileno=self._fd)
-            except OSError:
-                return
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            finally:
-                sock.detach()
+    def _run(self):
+        while True:
+            time.sleep(self._tick)
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c in self._calls.values() if c.deadline <= now]
+                for call in late:
+                    del self._calls[id(call)]
+                    call.cut = True
+                    _shut_down(call.fd)
+
+
+@dataclass
+class _WatchedCall:
+    deadline: float
+    fd: int
+    cut: bool = False
+
+
+def _shut_down(fd):
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
 
 
 def first_line(exc):
@@ -1121,6 +1147,10 @@ def serve(app, settings):
         max_request_body_size=SERVER_BODY_CAP,
         ident="analytics",
     )
+    # Waitress's own refusals (JsonErrorTask) need the CORS policy too;
+    # server.application may be waitress's wrapper around app.
+    server.channel_class = JsonErrorChannel
+    server.cors = app.cors
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
@@ -1143,6 +1173,43 @@ def serve(app, settings):
     waitress.wasyncore.close_all(socket_map)
     app.pool.close_idle()
     logger.info("stopped")
+
+
+class JsonErrorTask(waitress.task.ErrorTask):
+    """Waitress's own refusals, answered like the service's.
+
+    Waitress answers by itself what never reaches the application: a body
+    over SERVER_BODY_CAP, a malformed request line or header.  The answer
+    is JSON and carries the CORS headers, so a page can read it too.
+    """
+
+    def execute(self):
+        error = self.request.error
+        status = HTTPStatus(error.code)
+        if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+            refusal = _body_too_large()
+            payload = {"error": refusal.message, **refusal.extra}
+        else:
+            payload = {"error": f"The request is malformed: {error.body}."}
+        body = json.dumps(payload).encode("utf-8")
+
+        cors = self.channel.server.cors
+        origin = self.request.headers.get("ORIGIN")
+        self.status = f"{status.value} {status.phrase}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.response_headers.extend(cors.headers(origin))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+        logger.info("%s %s %d refused by waitress: %s",
+                    clean(self.request.command or "-"),
+                    clean(self.request.path or "-"), status, error.body)
+
+
+class JsonErrorChannel(waitress.channel.HTTPChannel):
+    """A waitress connection whose own error answers are JsonErrorTask's."""
+
+    error_task_class = JsonErrorTask
 
 
 def _busy(dispatcher, socket_map):

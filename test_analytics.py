@@ -500,17 +500,17 @@ def test_post_events_body_far_over_limit_refused(api, db):
     assert stored_count(db) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "waitress refuses bodies over SERVER_BODY_CAP (2 MiB) itself, with a "
-    "plain-text 413 and no CORS headers; see the analytics.py docstring"))
 def test_post_events_body_far_over_limit_answer_names_the_limit(api):
+    """Ensure waitress's own refusal reads like the service's answers."""
     data = padded(batch(event()), 3 * BODY_LIMIT)
 
     answer = post_body(api, data, {"Content-Type": "application/json",
                                    "Origin": ALLOWED_ORIGIN})
 
+    assert answer.headers["Content-Type"] == "application/json"
     assert str(BODY_LIMIT) in answer.json()["error"]
     assert answer.headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN
+    assert answer.headers["Access-Control-Allow-Credentials"] == "true"
 
 
 def test_post_events_full_batch_accepted(api, db):
