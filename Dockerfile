@@ -21,7 +21,7 @@ RUN groupadd --system --gid 10001 app \
 
 # The tests ship in the image so that
 # `docker compose run --rm analytics-backend pytest` works.
-COPY analytics.py schema.sql test_analytics.py ./
+COPY analytics.py schema.sql test_analytics.py test_browser.py pytest.ini ./
 
 # Numeric, so runtimes can verify it is not root (runAsNonRoot).
 USER 10001:10001
