@@ -163,21 +163,38 @@ class Settings:
 
     @classmethod
     def from_environ(cls, environ):
-        """Read settings from environ, raising ValueError on a bad number."""
+        """Read settings from environ.
+
+        Raises ValueError naming the variable when a number is not one or
+        is out of range.
+        """
+        def number(name, default, convert, lowest, highest):
+            text = environ.get(name, default)
+            try:
+                value = convert(text)
+            except ValueError:
+                value = math.nan
+            if not lowest <= value <= highest:
+                raise ValueError(
+                    f"{name} must be a number from {lowest} to {highest}, "
+                    f"not {text!r}."
+                )
+            return value
+
         origins = environ.get("CORS_ALLOW_ORIGINS", "")
         return cls(
             database_host=environ.get("DATABASE_HOST", "localhost"),
-            database_port=int(environ.get("DATABASE_PORT", "5432")),
+            database_port=number("DATABASE_PORT", "5432", int, 1, 65535),
             database_user=environ.get("DATABASE_USER", "analytics"),
             database_password=environ.get("DATABASE_PASSWORD", ""),
             database_name=environ.get("DATABASE_NAME", "analytics"),
             cors_allow_origins=tuple(
                 o.strip().rstrip("/") for o in origins.split(",") if o.strip()
             ),
-            port=int(environ.get("PORT", "8000")),
-            threads=int(environ.get("THREADS", "8")),
-            database_wait_seconds=float(
-                environ.get("DATABASE_WAIT_SECONDS", "30")
+            port=number("PORT", "8000", int, 1, 65535),
+            threads=number("THREADS", "8", int, 1, 1024),
+            database_wait_seconds=number(
+                "DATABASE_WAIT_SECONDS", "30", float, 0, 86400
             ),
         )
 
@@ -793,11 +810,11 @@ ON CONFLICT (event_key, occurred_at) DO NOTHING
 # The database writes the JSON answer itself; the filters drop out of the
 # plan when their parameter is null.
 RECENT_EVENTS_SQL = """
-SELECT coalesce(json_agg(json_build_object(
+SELECT coalesce(jsonb_agg(jsonb_build_object(
            'id', id, 'site', site, 'session_id', session_id,
            'event_type', event_type, 'target', target,
            'occurred_at', occurred_at, 'received_at', received_at,
-           'meta', meta, 'reason', reason)
+           'meta', meta, 'reason', reason, 'client_id', client_id)
        ORDER BY received_at DESC, id DESC), '[]')::text
 FROM (
     SELECT *
@@ -965,11 +982,13 @@ class AnalyticsApp:
         headers.extend(self.cors.headers(origin))
         start_response(f"{status.value} {status.phrase}", headers)
 
+        # refusals say why, so the log alone explains them
         elapsed_ms = (time.perf_counter() - started) * 1000
+        why = f" error={payload['error']!r}" if status >= 400 else ""
         logger.info(
-            "%s %s %d %.1fms stored=%d rejected=%d", method, clean(path),
+            "%s %s %d %.1fms stored=%d rejected=%d%s", method, clean(path),
             status, elapsed_ms, outcome.get("stored", 0),
-            outcome.get("rejected", 0),
+            outcome.get("rejected", 0), why,
         )
         return [b""] if method == "HEAD" else [body]
 
@@ -1120,7 +1139,8 @@ def parse_limit(value):
     if limit < 1:
         raise ApiError(
             HTTPStatus.BAD_REQUEST,
-            f"limit must be a whole number from 1 to {MAX_RECENT_LIMIT}.",
+            "limit must be a whole number of at least 1 (at most "
+            f"{MAX_RECENT_LIMIT} events are returned).",
         )
     return min(limit, MAX_RECENT_LIMIT)
 
@@ -1132,13 +1152,8 @@ def clean(text, width=200):
 
 # --- Start-up and shutdown ----------------------------------------------------
 
-def serve(app, settings):
-    """Serve app with waitress until SIGTERM or SIGINT, then drain.
-
-    On a signal the service stops accepting connections, lets the requests
-    in flight finish and their answers go out (for up to
-    SHUTDOWN_GRACE_SECONDS), then closes the pool.
-    """
+def make_server(app, settings):
+    """Return a waitress server for app, bound to its port."""
     server = waitress.create_server(
         app,
         host="0.0.0.0",
@@ -1151,13 +1166,23 @@ def serve(app, settings):
     # server.application may be waitress's wrapper around app.
     server.channel_class = JsonErrorChannel
     server.cors = app.cors
+    return server
+
+
+def serve(server, app):
+    """Serve until SIGTERM or SIGINT, then drain.
+
+    On a signal the service stops accepting connections, lets the requests
+    in flight finish and their answers go out (for up to
+    SHUTDOWN_GRACE_SECONDS), then closes the pool.
+    """
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
 
     host, port = server.effective_host, server.effective_port
     logger.info("listening on http://%s:%s with %d threads",
-                host, port, settings.threads)
+                host, port, server.adj.threads)
     socket_map = server._map
     while not stopping.is_set():
         waitress.wasyncore.loop(timeout=0.5, map=socket_map, count=1)
@@ -1245,6 +1270,8 @@ def main():
         logger.error("database %s did not answer within %g s (%s); exiting",
                      where, settings.database_wait_seconds, e)
         return 1
+    pool = ConnectionPool(settings.connect_kwargs(), settings.threads)
+    app = AnalyticsApp(settings, pool)
     try:
         mode, version = apply_schema(conn)
     finally:
@@ -1257,8 +1284,13 @@ def main():
         logger.info("storage: plain table engagement_events (TimescaleDB %s)",
                     "installed but not used" if version else "not available")
 
-    pool = ConnectionPool(settings.connect_kwargs(), settings.threads)
-    serve(AnalyticsApp(settings, pool), settings)
+    try:
+        server = make_server(app, settings)
+    except OSError as e:
+        logger.error("cannot listen on port %d: %s; exiting",
+                     settings.port, e.strerror or e)
+        return 1
+    serve(server, app)
     return 0
 
 

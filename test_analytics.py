@@ -961,7 +961,7 @@ def test_post_events_64_concurrent_batches_all_stored(api, db):
 #: What the live console reads of each listed event.
 CONSOLE_FIELDS = {
     "id", "site", "session_id", "event_type", "target", "occurred_at",
-    "received_at", "meta", "reason",
+    "received_at", "meta", "reason", "client_id",
 }
 
 #: An ISO 8601 time that carries its offset.
@@ -1083,6 +1083,7 @@ def test_recent_events_console_fields(api):
         "target": "article",
         "meta": {"ms": 5000},
         "reason": "unload",
+        "client_id": None,
     }
 
 
@@ -1445,6 +1446,39 @@ def test_startup_log_says_plain_table_or_hypertable(server, db):
     log = server.log()
 
     assert ("hypertable" if hypertable else "plain table") in log
+
+
+@pytest.mark.parametrize("name, value", [
+    ("THREADS", "0"),
+    ("PORT", "70000"),
+    ("DATABASE_PORT", "abc"),
+    ("DATABASE_WAIT_SECONDS", "nan"),
+])
+def test_startup_bad_setting_exits_naming_it(test_database, tmp_path,
+                                             name, value):
+    server = start_server(tmp_path, test_database, wait=False,
+                          **{name: value})
+
+    code = server.proc.wait(START_TIMEOUT_SECONDS)
+    server.stop()
+
+    assert code == 2
+    assert f"{name} must be a number" in server.log()
+    assert "Traceback" not in server.log()
+
+
+def test_startup_port_in_use_exits_with_one_line(server, test_database,
+                                                 tmp_path):
+    other = start_server(tmp_path, test_database, wait=False,
+                         PORT=server.port)
+
+    code = other.proc.wait(START_TIMEOUT_SECONDS)
+    other.stop()
+
+    errors = [line for line in other.log().splitlines() if "ERROR" in line]
+    assert code == 1
+    assert len(errors) == 1 and f"port {server.port}" in errors[0]
+    assert "Traceback" not in other.log()
 
 
 # --- CORS --------------------------------------------------------------------
