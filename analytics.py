@@ -31,8 +31,16 @@ can reach the port can post events; put it behind a proxy that decides
 who may.  An event sent without ``at``, or whose ``at`` was outside the
 clock window and replaced by the receipt time, is stored again when the
 browser resends it, because its time is part of its identity.  When a JSON
-object repeats a key, the last value wins, as in jsonb.  received_at comes
-from this process's clock.
+object repeats a key, the last value wins, as in jsonb.  Numbers are read
+as doubles, as a browser writes them, so a meta number with more digits
+than a double holds is stored rounded.  A body nested deeper than Python's
+parser allows (about 900 levels) is refused whole with 400, even when the
+depth is inside one event's meta.  received_at comes from this process's
+clock.  Waitress holds at most CONNECTION_LIMIT client connections and
+closes idle ones after IDLE_CONNECTION_SECONDS; against many slow clients
+on purpose (slowloris), put a buffering proxy in front.  /health shares
+the server's threads, so while all of them wait on a database that has
+stopped answering it waits its turn (up to WORK_DEADLINE_SECONDS).
 """
 
 import hashlib
@@ -108,6 +116,11 @@ TCP_USER_TIMEOUT_MS = 2500
 #: Longest statement the database runs for us.
 STATEMENT_TIMEOUT_MS = 5000
 
+#: Longest wait for a lock (someone holding the table): one second, so that
+#: a locked table gives quick 503s instead of threads stuck for the
+#: statement timeout while /health queues behind them.
+LOCK_TIMEOUT_MS = 1000
+
 #: Work on a pooled connection that has not finished after this long has
 #: its socket cut.  A host that stops answering while something still
 #: acknowledges the bytes (a proxy in front of it, a frozen server) is seen
@@ -135,6 +148,15 @@ RETRY_AFTER_SECONDS = 2
 
 #: How long browsers may cache a preflight answer.
 CORS_MAX_AGE_SECONDS = 600
+
+#: Open client connections waitress keeps (it stops accepting past this),
+#: polled rather than select()ed so that more than 1024 descriptors work.
+#: Browsers keep connections alive, so waitress's default of 100 is small.
+CONNECTION_LIMIT = 1000
+
+#: A connection that sends nothing for this long is closed.  Waitress's
+#: default, 120 s, lets idle or trickling clients hold slots for minutes.
+IDLE_CONNECTION_SECONDS = 30
 
 #: How long SIGTERM waits for requests in flight before closing anyway.
 SHUTDOWN_GRACE_SECONDS = 10
@@ -213,7 +235,8 @@ class Settings:
             "keepalives_interval": 2,
             "keepalives_count": 3,
             "options": (
-                f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c timezone=UTC"
+                f"-c statement_timeout={STATEMENT_TIMEOUT_MS} "
+                f"-c lock_timeout={LOCK_TIMEOUT_MS} -c timezone=UTC"
             ),
         }
         if self.database_password:
@@ -238,6 +261,11 @@ class ApiError(Exception):
 
 class DatabaseUnavailableError(Exception):
     """The database could not be reached, or did not answer in time."""
+
+
+class DatabaseRefusedError(DatabaseUnavailableError):
+    """The database refused a statement that should work (a revoked grant,
+    a missing table): still a 503, but not worth retrying at once."""
 
 
 # SQLSTATE classes that mean "the database is not there right now" rather
@@ -447,6 +475,15 @@ def check_text(field, value, limit):
     return None
 
 
+# Date.toISOString()'s shape, with any offset or none, and a space allowed
+# for the T as RFC 3339 does.
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?"
+    r"([Zz]|[+-]\d{2}:\d{2})?",
+    re.ASCII,
+)
+
+
 def parse_batch(doc, received_at):
     """Check a parsed body and prepare its events.
 
@@ -468,11 +505,10 @@ def parse_batch(doc, received_at):
         or check_text("session_id", session_id, MAX_NAME_CHARS)
     )
     if problem is None and reason is not None:
-        if not isinstance(reason, str) or len(reason) > MAX_NAME_CHARS:
-            problem = (
-                f"reason must be a string of at most {MAX_NAME_CHARS} "
-                f"characters, not {describe_type(reason)}."
-            )
+        if not isinstance(reason, str):
+            problem = f"reason must be a string, not {describe_type(reason)}."
+        elif len(reason) > MAX_NAME_CHARS:
+            problem = f"reason is longer than {MAX_NAME_CHARS} characters."
     if problem:
         raise ApiError(HTTPStatus.BAD_REQUEST, problem)
 
@@ -549,6 +585,8 @@ def add_event(batch, event):
         return problem
 
     key = event_key(batch, client_id, event_type, target, at, meta_json)
+    # In UTC: Python takes offsets (+20:00, +05:30:15.5) PostgreSQL refuses.
+    occurred_at = occurred_at.astimezone(timezone.utc)
     fields = _compact([key, event_type, target, occurred_at.isoformat(),
                        client_id])
     batch.rows.append(f"{fields[:-1]},{meta_json}]")
@@ -556,8 +594,14 @@ def add_event(batch, event):
 
 
 def parse_time(value):
-    """Return an aware datetime for ISO 8601 text, or None if it is not."""
+    """Return an aware datetime for RFC 3339 text, or None if it is not.
+
+    The shape is checked first: fromisoformat alone would also take week
+    dates, bare dates and any character between date and time.
+    """
     if not isinstance(value, str) or len(value) > MAX_TIME_CHARS:
+        return None
+    if not _RFC3339.fullmatch(value):
         return None
     try:
         parsed = datetime.fromisoformat(value)
@@ -654,6 +698,8 @@ class ConnectionPool:
             started = time.monotonic()
             try:
                 return self._call(conn, work, deadline)
+            except DatabaseRefusedError:
+                raise
             except DatabaseUnavailableError:
                 elapsed = time.monotonic() - started
                 if not reused or elapsed >= STALE_FAILURE_SECONDS:
@@ -704,7 +750,11 @@ class ConnectionPool:
             healthy = not cut and not is_outage(e)
             self._checkin(conn, healthy)
             if healthy:
-                raise
+                # The connection is fine but the database said no: worth an
+                # operator's look, and a 503 for the client to retry later.
+                logger.error("database refused a statement: %s",
+                             first_line(e))
+                raise DatabaseRefusedError(first_line(e)) from e
             if cut:
                 raise DatabaseUnavailableError(
                     f"no answer within {deadline:g} s"
@@ -1132,10 +1182,10 @@ def parse_limit(value):
     """Return the page size for ?limit=, cut to MAX_RECENT_LIMIT."""
     if value is None:
         return DEFAULT_RECENT_LIMIT
-    try:
-        limit = int(value)
-    except ValueError:
-        limit = 0
+    # ASCII digits only: int() would also take "+5", " 5", "1_0" and other
+    # scripts' digits.  A long number is simply large.
+    digits = value if re.fullmatch("[0-9]+", value, re.ASCII) else "0"
+    limit = int(digits.lstrip("0")[:7] or "0")
     if limit < 1:
         raise ApiError(
             HTTPStatus.BAD_REQUEST,
@@ -1160,6 +1210,9 @@ def make_server(app, settings):
         port=settings.port,
         threads=settings.threads,
         max_request_body_size=SERVER_BODY_CAP,
+        connection_limit=CONNECTION_LIMIT,
+        channel_timeout=IDLE_CONNECTION_SECONDS,
+        asyncore_use_poll=True,
         ident="analytics",
     )
     # Waitress's own refusals (JsonErrorTask) need the CORS policy too;
@@ -1210,7 +1263,11 @@ class JsonErrorTask(waitress.task.ErrorTask):
 
     def execute(self):
         error = self.request.error
+        # A Transfer-Encoding waitress does not do is the client's doing,
+        # not a fault of the server's: 400, not 501.
         status = HTTPStatus(error.code)
+        if status == HTTPStatus.NOT_IMPLEMENTED:
+            status = HTTPStatus.BAD_REQUEST
         if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
             refusal = _body_too_large()
             payload = {"error": refusal.message, **refusal.extra}
@@ -1226,9 +1283,11 @@ class JsonErrorTask(waitress.task.ErrorTask):
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
+        # A request line that did not parse leaves no command or path.
         logger.info("%s %s %d refused by waitress: %s",
-                    clean(self.request.command or "-"),
-                    clean(self.request.path or "-"), status, error.body)
+                    clean(getattr(self.request, "command", None) or "-"),
+                    clean(getattr(self.request, "path", None) or "-"),
+                    status, error.body)
 
 
 class JsonErrorChannel(waitress.channel.HTTPChannel):

@@ -568,6 +568,11 @@ def test_post_events_meta_at_limit_accepted(api, db, meta):
                  id="at-impossible-date"),
     pytest.param(event(at=""), r"\bat\b", id="at-empty"),
     pytest.param(event(at=1715971402318), r"\bat\b", id="at-a-number"),
+    pytest.param(event(at=now_iso().replace("T", "x")), r"\bat\b",
+                 id="at-odd-separator"),
+    pytest.param(event(at=now_iso()[:10]), r"\bat\b", id="at-date-only"),
+    pytest.param(event(at="2026-W49-4T10:00:00Z"), r"\bat\b",
+                 id="at-week-date"),
     pytest.param(event(occurred_at="soon", at=MISSING), r"\bat\b",
                  id="occurred_at-not-a-time"),
     pytest.param(event(meta=[1, 2]), r"\bmeta\b", id="meta-an-array"),
@@ -826,7 +831,8 @@ def test_post_events_resent_event_without_at_stored_again(api, db):
 
 @pytest.mark.parametrize("offset", [
     timedelta(0), timedelta(hours=2), timedelta(hours=-5, minutes=-30),
-    timedelta(hours=14),
+    timedelta(hours=14), timedelta(hours=20), timedelta(hours=-23,
+                                                        minutes=-59),
 ])
 def test_post_events_at_offset_honoured(api, db, offset):
     moment = moment_from_now(hours=-3)
@@ -1027,7 +1033,8 @@ def test_recent_events_limit_honoured(api):
     assert targets == ["t9", "t8", "t7"]
 
 
-@pytest.mark.parametrize("limit", ["1000", "1001", "99999999999999999999"])
+@pytest.mark.parametrize("limit", ["1000", "1001", "99999999999999999999",
+                                   "9" * 5000])
 def test_recent_events_limit_up_to_1000(api, limit):
     post_many(api, 1001)
 
@@ -1038,7 +1045,8 @@ def test_recent_events_limit_up_to_1000(api, limit):
 
 
 @pytest.mark.parametrize("limit", [
-    "0", "-1", "abc", "1.5", "1e3", "", "ten",
+    "0", "-1", "abc", "1.5", "1e3", "", "ten", "+5", " 5", "1_0",
+    "\u0665", "\uff15",
 ])
 def test_recent_events_bad_limit_refused(api, limit):
     answer = recent(api, limit=limit)
@@ -1365,6 +1373,44 @@ def test_cors_allowed_origin_on_503(proxied):
     assert answer.status_code == 503
     assert answer.headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN
     assert answer.headers["Access-Control-Allow-Credentials"] == "true"
+
+
+def test_post_events_locked_table_503_quickly(api, test_database):
+    """Ensure a table someone holds locked gives quick 503s and leaves
+    /health answering, not threads stuck for the statement timeout."""
+    holder = psycopg2.connect(**database_params(test_database))
+    with holder.cursor() as cursor:
+        cursor.execute("LOCK engagement_events IN ACCESS EXCLUSIVE MODE")
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            posts = [pool.submit(post_events, api, batch(event()))
+                     for _ in range(16)]
+            started = time.monotonic()
+            health = requests.get(f"{api}/health", timeout=10)
+            health_seconds = time.monotonic() - started
+            answers = [post.result() for post in posts]
+    finally:
+        holder.rollback()
+        holder.close()
+
+    assert {answer.status_code for answer in answers} == {503}
+    assert all("Retry-After" in answer.headers for answer in answers)
+    assert health.status_code == 200
+    assert health_seconds < 3
+
+
+def test_post_events_refused_grant_503_then_recovers(api, db):
+    execute(db, "REVOKE INSERT ON engagement_events FROM CURRENT_USER")
+    try:
+        refused = post_events(api, batch(event()))
+    finally:
+        execute(db, "GRANT INSERT ON engagement_events TO CURRENT_USER")
+
+    accepted = post_events(api, batch(event()))
+
+    assert refused.status_code == 503
+    assert "Retry-After" in refused.headers
+    assert accepted.status_code == 201
 
 
 # --- GET /config and start-up log --------------------------------------------
@@ -1717,6 +1763,45 @@ def test_every_answer_is_json_without_traceback(api, method, path, body):
     assert "Traceback" not in answer.text
 
 
+def raw_exchange(port, data):
+    """Send raw bytes on a new connection; return all it answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(b"X\r\n\r\n", id="no-request-line"),
+    pytest.param(b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+                 id="space-in-header-name"),
+    pytest.param(b"POST /events HTTP/1.1\r\nHost: x\r\n"
+                 b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                 id="unsupported-transfer-encoding"),
+])
+def test_malformed_request_answered_400_and_closed(server, request_bytes):
+    answer = raw_exchange(server.port, request_bytes)
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 400 ", head)
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["error"]
+
+
+def test_malformed_requests_leave_no_connection_behind(server):
+    """Ensure refused requests free their connection (waitress keeps at
+    most CONNECTION_LIMIT; leaked ones would starve everyone)."""
+    for _ in range(150):
+        raw_exchange(server.port, b"X\r\n\r\n")
+
+    answer = requests.get(f"{server.url}/health", timeout=5)
+
+    assert answer.status_code == 200
+    assert "Traceback" not in server.log()
+
+
 def test_access_log_one_line_per_request(api, server):
     before = len(server.log())
 
@@ -1786,7 +1871,8 @@ def test_post_events_failed_insert_stores_nothing(api, db, failing_insert):
 
     answer = post_events(api, body)
 
-    assert answer.status_code >= 500
+    assert answer.status_code == 503
+    assert "Retry-After" in answer.headers
     assert answer.headers["Content-Type"] == "application/json"
     assert "Traceback" not in answer.text
     assert stored_count(db) == 0
@@ -3437,24 +3523,34 @@ def refuses_connections(port):
     return False
 
 
-def waiting_on_locks(cluster, dbname):
-    """Return how many of the service's statements wait for a lock."""
+def sleeping_in_inserts(cluster, dbname):
+    """Return how many of the service's statements sleep in a trigger."""
     return cluster.query(
         dbname,
         "SELECT count(*) FROM pg_stat_activity "
-        "WHERE application_name = 'analytics' AND wait_event_type = 'Lock'",
+        "WHERE application_name = 'analytics' AND wait_event = 'PgSleep'",
     )[0][0]
 
 
 class BatchesInFlight:
-    """Batches posted from threads while a table lock holds them back."""
+    """Batches posted from threads, held in the database by a trigger
+    that sleeps (a lock would not do: the service gives up on locks after
+    LOCK_TIMEOUT_MS)."""
 
     def __init__(self, url, cluster, dbname, count=4):
         self.answers = {}
-        self._lock = cluster.connect(dbname)
-        with self._lock.cursor() as cursor:
-            cursor.execute("BEGIN")
-            cursor.execute("LOCK TABLE engagement_events IN EXCLUSIVE MODE")
+        self._cluster, self._dbname = cluster, dbname
+        cluster.query(dbname, f"""
+            CREATE FUNCTION test_slow_insert() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_sleep({IN_FLIGHT_SECONDS + 0.5});
+                RETURN NULL;
+            END $$;
+            CREATE TRIGGER test_slow_insert
+                BEFORE INSERT ON engagement_events
+                FOR EACH STATEMENT EXECUTE FUNCTION test_slow_insert();
+        """)
         self._threads = [
             threading.Thread(target=self._post, args=(url, number))
             for number in range(count)
@@ -3462,15 +3558,19 @@ class BatchesInFlight:
         for thread in self._threads:
             thread.start()
         poll_until(
-            lambda: waiting_on_locks(cluster, dbname) == count, 10,
+            lambda: sleeping_in_inserts(cluster, dbname) == count, 10,
             "the batches did not reach the database",
         )
 
     def finish(self):
-        """Release the lock; return the answers once all have come."""
-        self._lock.close()
+        """Return the answers once all have come; drop the trigger."""
         for thread in self._threads:
             thread.join(30)
+        self._cluster.query(
+            self._dbname,
+            "DROP TRIGGER IF EXISTS test_slow_insert ON engagement_events;"
+            " DROP FUNCTION IF EXISTS test_slow_insert()",
+        )
         return self.answers
 
     def _post(self, url, number):
