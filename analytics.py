@@ -69,7 +69,7 @@ import waitress.task
 import waitress.wasyncore
 
 
-# --- Limits and policy ------------------------------------------------------
+# --- Limits and policy -------------------------------------------------------
 
 #: Largest request body, counted after gzip is undone (the contract's 1 MiB).
 MAX_BODY_BYTES = 1024 * 1024
@@ -244,7 +244,7 @@ class Settings:
         return kwargs
 
 
-# --- Errors -----------------------------------------------------------------
+# --- Errors ------------------------------------------------------------------
 
 class ApiError(Exception):
     """A request the service refuses, answered as {"error": message}."""
@@ -297,7 +297,7 @@ def describe_type(value):
     return "an object"
 
 
-# --- Request bodies ---------------------------------------------------------
+# --- Request bodies ----------------------------------------------------------
 
 _JSON_CONTENT_TYPES = ("", "application/json", "text/plain")
 
@@ -352,7 +352,8 @@ def read_body(environ):
     try:
         declared = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number.")
+        raise ApiError(HTTPStatus.BAD_REQUEST,
+                       "Content-Length is not a number.")
     gzipped = encoding in ("gzip", "x-gzip")
     if declared > MAX_BODY_BYTES and not gzipped:
         raise _body_too_large()
@@ -401,9 +402,11 @@ def parse_json(text):
             f"column {e.colno}.",
         )
     except ValueError as e:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"The body is not valid JSON: {e}.")
+        raise ApiError(HTTPStatus.BAD_REQUEST,
+                       f"The body is not valid JSON: {e}.")
     except RecursionError:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "The body is nested too deeply.")
+        raise ApiError(HTTPStatus.BAD_REQUEST,
+                       "The body is nested too deeply.")
 
     # NUL and lone surrogates only arrive as \u escapes (invalid UTF-8 was
     # replaced while decoding), so most bodies skip the walk.
@@ -439,7 +442,7 @@ def scrub(doc):
     return doc
 
 
-# --- Batches and events -----------------------------------------------------
+# --- Batches and events ------------------------------------------------------
 
 # Compact and canonical: the same meta always gives the same text, so it can
 # be part of an event's identity.
@@ -668,7 +671,7 @@ def event_key(batch, client_id, event_type, target, at, meta_json):
     ).hexdigest()
 
 
-# --- Database ---------------------------------------------------------------
+# --- Database ----------------------------------------------------------------
 
 class ConnectionPool:
     """At most `size` autocommit connections, opened on demand.
@@ -770,7 +773,8 @@ class ConnectionPool:
 
     def _checkin(self, conn, healthy):
         idle = psycopg2.extensions.TRANSACTION_STATUS_IDLE
-        if healthy and not conn.closed and conn.info.transaction_status == idle:
+        reusable = not conn.closed and conn.info.transaction_status == idle
+        if healthy and reusable:
             with self._lock:
                 self._idle.append(conn)
             return
@@ -948,7 +952,7 @@ def apply_schema(conn):
     return ("hypertable" if hypertable else "table"), version
 
 
-# --- CORS -------------------------------------------------------------------
+# --- CORS --------------------------------------------------------------------
 
 class Cors:
     """Which page origins may call the service, and the headers they get."""
@@ -981,7 +985,7 @@ class Cors:
         ]
 
 
-# --- The application --------------------------------------------------------
+# --- The application ---------------------------------------------------------
 
 class AnalyticsApp:
     """The WSGI application: routing, handlers and the error boundary."""
@@ -1200,7 +1204,7 @@ def clean(text, width=200):
     return repr(text[:width])[1:-1]
 
 
-# --- Start-up and shutdown ----------------------------------------------------
+# --- Start-up and shutdown ---------------------------------------------------
 
 def make_server(app, settings):
     """Return a waitress server for app, bound to its port."""

@@ -194,7 +194,7 @@ def stored_count(db):
 
 
 def batch(*events, site="press-docs", session_id=None, reason="interval"):
-    """Return a provider-shaped batch of events (a fresh session by default)."""
+    """Return a provider-shaped batch (a fresh session by default)."""
     body = {
         "site": site,
         "session_id": session_id or str(uuid.uuid4()),
