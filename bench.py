@@ -62,6 +62,8 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extras
 
+import analytics
+
 
 # --- Settings and targets ---------------------------------------------------
 
@@ -443,21 +445,9 @@ FROM jsonb_array_elements(%(rows)s::jsonb) AS e
 ON CONFLICT (event_key, occurred_at) DO NOTHING
 """
 
-# The same, prepared once per connection, as the service does since
-# issue 3: the server parses and plans it once, not once per batch.
-PREPARE_JSON_INSERT_SQL = f"""
-PREPARE bench_insert (text, text, text, timestamptz, jsonb) AS
-INSERT INTO engagement_events ({COLUMNS})
-SELECT (e->>0)::uuid, $1, $2, e->>1, e->>2, (e->>3)::timestamptz, $4, e->5,
-       $3, e->>4
-FROM jsonb_array_elements($5) AS e
-ON CONFLICT (event_key, occurred_at) DO NOTHING
-"""
-
-EXECUTE_JSON_INSERT_SQL = """
-EXECUTE bench_insert (%(site)s, %(session_id)s, %(reason)s,
-                      %(received_at)s, %(rows)s)
-"""
+# The service's own statement, prepared once per connection as it does.
+PREPARE_JSON_INSERT_SQL = analytics.PREPARE_INSERT_EVENTS_SQL
+EXECUTE_JSON_INSERT_SQL = analytics.INSERT_EVENTS_SQL
 
 VALUES_INSERT_SQL = f"""
 INSERT INTO engagement_events ({COLUMNS}) VALUES %s
