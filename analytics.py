@@ -416,10 +416,15 @@ def parse_json(text):
     return doc
 
 
+def storable(text):
+    """Return text with what PostgreSQL cannot store replaced by U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
 def scrub(doc):
-    """Replace text PostgreSQL cannot store with U+FFFD, keys included."""
+    """Make every string in doc storable, keys included."""
     if isinstance(doc, str):
-        return _UNSTORABLE.sub("\ufffd", doc)
+        return storable(doc)
     if not isinstance(doc, (dict, list)):
         return doc
 
@@ -429,7 +434,7 @@ def scrub(doc):
     while pending:
         node = pending.pop()
         if isinstance(node, dict):
-            fixed = {_UNSTORABLE.sub("\ufffd", k): v for k, v in node.items()}
+            fixed = {storable(k): v for k, v in node.items()}
             node.clear()
             node.update(fixed)
             items = node.items()
@@ -437,7 +442,7 @@ def scrub(doc):
             items = enumerate(node)
         for key, value in list(items):
             if isinstance(value, str):
-                node[key] = _UNSTORABLE.sub("\ufffd", value)
+                node[key] = storable(value)
             elif isinstance(value, (dict, list)):
                 pending.append(value)
     return doc
@@ -617,7 +622,8 @@ def add_event(batch, event):
 
     key = event_key(batch, client_id, event_type, target, at, meta_json,
                     occurred_at)
-    # In UTC: Python takes offsets (+20:00, +05:30:15.5) PostgreSQL refuses.
+    # In UTC: PostgreSQL refuses offsets past 15:59 (+20:00) that RFC 3339
+    # and Python take.
     occurred_at = occurred_at.astimezone(timezone.utc)
     # The row as a JSON array: key, type, target, time, client id, and
     # meta, which is JSON already.
@@ -950,7 +956,9 @@ SELECT EXISTS (
 
 
 # The pooled connections that have prepared insert_events.  A connection
-# leaves the set when it is closed and collected.
+# leaves the set when it is closed and collected.  Prepared on the first
+# insert, not on connect: planning it takes a lock on the table, which
+# /health (on a table someone holds locked) must not wait for.
 _prepared_connections = weakref.WeakSet()
 
 
@@ -1184,7 +1192,7 @@ class AnalyticsApp:
         query = parse_qs(environ.get("QUERY_STRING", ""),
                          keep_blank_values=True)
         params = {
-            name: _UNSTORABLE.sub("\ufffd", query[name][0])
+            name: storable(query[name][0])
             if query.get(name, [""])[0] else None
             for name in ("site", "session_id", "type")
         }

@@ -63,6 +63,9 @@ import psycopg2
 import psycopg2.extras
 
 import analytics
+# The tests' own helpers: where the database is (DATABASE_*, with no
+# statement timeout, which a bulk load would run into) and a free port.
+from test_analytics import database_params, free_port
 
 
 # --- Settings and targets ---------------------------------------------------
@@ -120,25 +123,6 @@ EVENT_KINDS = (
 )
 
 SITES = ("press-docs", "press-blog")
-
-
-def database_params(dbname=None):
-    """Return psycopg2.connect arguments from the DATABASE_* variables."""
-    return {
-        "host": os.environ.get("DATABASE_HOST", "localhost"),
-        "port": int(os.environ.get("DATABASE_PORT", "5432")),
-        "user": os.environ.get("DATABASE_USER", "analytics"),
-        "password": os.environ.get("DATABASE_PASSWORD", ""),
-        "dbname": dbname or os.environ.get("DATABASE_NAME", "analytics"),
-        "connect_timeout": 5,
-    }
-
-
-def free_port():
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- The wrk script ---------------------------------------------------------
