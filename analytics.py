@@ -56,7 +56,7 @@ import threading
 import time
 import weakref
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from pathlib import Path
@@ -481,9 +481,6 @@ _canonical = _json_encoder(
     ensure_ascii=False, sort_keys=True, separators=(",", ":")
 )
 
-# What an event's digest is taken of: json.dumps with its defaults.
-_digest_json = _json_encoder()
-
 
 @dataclass
 class Batch:
@@ -493,9 +490,22 @@ class Batch:
     session_id: str
     reason: object
     received_at: datetime
-    rows: list
-    rejected: list
-    adjusted: int
+    rows: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+    adjusted: int = 0
+
+    # What every event needs, worked out once: the batch's fields as JSON
+    # for the events' keys, and the clock window around receipt.
+    site_json: str = field(init=False)
+    session_json: str = field(init=False)
+    earliest: datetime = field(init=False)
+    latest: datetime = field(init=False)
+
+    def __post_init__(self):
+        self.site_json = _json_string(self.site)
+        self.session_json = _json_string(self.session_id)
+        self.earliest = self.received_at - MAX_CLOCK_BEHIND
+        self.latest = self.received_at + MAX_CLOCK_AHEAD
 
 
 def check_text(field, value, limit):
@@ -563,7 +573,7 @@ def parse_batch(doc, received_at):
             limit_events=MAX_EVENTS_PER_BATCH,
         )
 
-    batch = Batch(site, session_id, reason, received_at, [], [], 0)
+    batch = Batch(site, session_id, reason, received_at)
     for index, event in enumerate(events):
         error = add_event(batch, event)
         if error:
@@ -603,7 +613,7 @@ def add_event(batch, event):
                 "at must be an ISO 8601 time such as "
                 "2024-05-17T18:43:22.318Z."
             )
-        if not is_believable(occurred_at, batch.received_at):
+        if not is_believable(occurred_at, batch):
             occurred_at = batch.received_at
             batch.adjusted += 1
 
@@ -654,12 +664,10 @@ def parse_time(value):
     return parsed
 
 
-def is_believable(occurred_at, received_at):
-    """Tell whether a client time lies inside the clock window."""
+def is_believable(occurred_at, batch):
+    """Tell whether a client time lies inside the batch's clock window."""
     try:
-        return (received_at - MAX_CLOCK_BEHIND
-                <= occurred_at
-                <= received_at + MAX_CLOCK_AHEAD)
+        return batch.earliest <= occurred_at <= batch.latest
     except OverflowError:
         # Year 1 or 9999 with an offset cannot even be compared.
         return False
@@ -708,12 +716,18 @@ def event_key(batch, client_id, event_type, target, at, meta_json,
     which events are duplicates.
     """
     if client_id is not None:
-        parts = ["id", batch.site, client_id]
+        identity = f'["id",{batch.site_json},{_json_string(client_id)}]'
     else:
-        parts = ["event", batch.site, batch.session_id, event_type, target,
-                 at, meta_json]
+        # JSON of [kind, site, session, type, target, at, meta]: meta is
+        # JSON already, and every string is storable, so UTF-8 takes it.
+        at_json = "null" if at is None else _json_string(at)
+        identity = (
+            f'["event",{batch.site_json},{batch.session_json},'
+            f"{_json_string(event_type)},{_json_string(target)},{at_json},"
+            f"{meta_json}]"
+        )
     digest = hashlib.blake2b(
-        _digest_json(parts).encode("ascii"), digest_size=10
+        identity.encode("utf-8"), digest_size=10
     ).hexdigest()
     millis = (occurred_at - _EPOCH) // _MILLISECOND
     return f"{millis:012x}{digest}"
