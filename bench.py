@@ -18,6 +18,12 @@ service's figure as a share of each:
     (b) the HTTP layer alone: waitress with the service's thread count
         answering the same requests after json.loads, with no database.
 
+From the CPU time per event of each ceiling (the waitress process, and the
+database server processes running the service's own statement) it works
+out a bound: all cores spent on those two halves alone, with nothing for
+checks, keys, the driver or wrk.  No service built of these two parts can
+go faster on this machine.
+
 With ``--rows N`` the service is measured twice: on the empty table, and
 again after N events spread over the last 300 days have been loaded, so
 insert throughput and GET /events/recent latency can be compared.
@@ -542,15 +548,21 @@ INSERT_METHODS = (
 
 
 def measure_database(dbname, method, threads, batch_size, duration):
-    """Insert batches from `threads` connections; return events/s."""
+    """Insert batches from `threads` connections.
+
+    Returns (events/s, CPU microseconds per event of the server processes
+    serving those connections).
+    """
     _, _, insert, prepare = method
-    connections = []
+    connections, backends = [], []
     for _ in range(threads):
         conn = psycopg2.connect(**database_params(dbname))
         conn.autocommit = True
-        if prepare:
-            with conn.cursor() as cursor:
+        with conn.cursor() as cursor:
+            if prepare:
                 cursor.execute(prepare)
+            cursor.execute("SELECT pg_backend_pid()")
+            backends.append(cursor.fetchone()[0])
         connections.append(conn)
 
     totals = [0] * threads
@@ -568,16 +580,19 @@ def measure_database(dbname, method, threads, batch_size, duration):
                for i in range(threads)]
     for worker in workers:
         worker.start()
+    cpu = sum(process_cpu_seconds(pid) for pid in backends)
     began = time.monotonic()
     deadline[0] = began + duration
     start.wait()
     for worker in workers:
         worker.join()
     elapsed = time.monotonic() - began
+    cpu = sum(process_cpu_seconds(pid) for pid in backends) - cpu
 
     for conn in connections:
         conn.close()
-    return sum(totals) / elapsed
+    events = max(sum(totals), 1)
+    return events / elapsed, cpu / events * 1e6
 
 
 # --- Scratch database and bulk load -----------------------------------------
@@ -749,13 +764,15 @@ def measure_ceilings(args, dbname, db, script, work_dir):
     """Measure and print both ceilings; return {name: (label, events/s)}."""
     print(f"\nceiling (a): the database alone, {args.connections} threads "
           f"through psycopg2, no HTTP", flush=True)
-    rates = {}
+    rates, cpu = {}, {}
     for method in INSERT_METHODS:
         name, label = method[:2]
-        rates[name] = measure_database(dbname, method, args.connections,
-                                       args.batch_size, args.duration)
+        rates[name], cpu[name] = measure_database(
+            dbname, method, args.connections, args.batch_size, args.duration
+        )
         truncate(db)
-        print(f"  {label:<34} {rates[name]:>12,.0f} events/s", flush=True)
+        print(f"  {label:<34} {rates[name]:>12,.0f} events/s"
+              f"   {cpu[name]:5.1f} us CPU/event in PostgreSQL", flush=True)
     fastest = max(rates, key=rates.get)
     print(f"  ceiling: {fastest:<25} {rates[fastest]:>12,.0f} events/s")
 
@@ -763,17 +780,31 @@ def measure_ceilings(args, dbname, db, script, work_dir):
           f"json.loads, no database", flush=True)
     server = start_http_ceiling(args.threads, work_dir)
     try:
+        server_cpu = server.cpu_seconds()
         http = run_wrk(f"{server.url}/events", script, args.connections,
                        args.duration)
+        server_cpu = server.cpu_seconds() - server_cpu
     finally:
         server.stop()
+    http_us = server_cpu / max(http["acked"], 1) * 1e6
     print(f"  {'events/s':<34} {http['events_per_second']:>12,.0f}")
     print(f"  {'latency p50 / p99':<34} {http['p50_us'] / 1000:>9.1f} ms"
           f" / {http['p99_us'] / 1000:.1f} ms")
+    print(f"  {'CPU per event, waitress process':<34} {http_us:>9.1f} us")
+
+    # The service does both halves on the same cores: even if it did
+    # nothing else (no checks, no keys, no driver, no wrk beside it), it
+    # could not go faster than all cores spent on their CPU alone.
+    cores = os.cpu_count()
+    bound = cores / (http_us + cpu["prepared"]) * 1e6
+    print(f"\nbound: {cores} cores / (waitress {http_us:.1f} us + "
+          f"PostgreSQL {cpu['prepared']:.1f} us per event, the service's "
+          f"statement)\n  {'events/s at most':<34} {bound:>12,.0f}")
 
     return {
         "database": (f"database ceiling ({fastest})", rates[fastest]),
         "http": ("HTTP ceiling", http["events_per_second"]),
+        "bound": ("bound from the ceilings' CPU", bound),
     }
 
 
