@@ -30,12 +30,14 @@ Limitations: there is no authentication and no rate limit, so anyone who
 can reach the port can post events; put it behind a proxy that decides
 who may.  An event sent without ``at``, or whose ``at`` was outside the
 clock window and replaced by the receipt time, is stored again when the
-browser resends it, because its time is part of its identity.  When a JSON
-object repeats a key, the last value wins, as in jsonb.  Numbers are read
-as doubles, as a browser writes them, so a meta number with more digits
-than a double holds is stored rounded.  A body nested deeper than Python's
-parser allows (about 900 levels) is refused whole with 400, even when the
-depth is inside one event's meta.  received_at comes from this process's
+browser resends it, because its time is part of its identity.  Events
+whose texts differ only where unstorable characters became U+FFFD are one
+event.  When a JSON object repeats a key, the last value wins, as in
+jsonb.  Numbers with a fraction or exponent are read as doubles, as a
+browser writes them, so one with more digits than a double holds is
+stored rounded, and 1 and 1.0 in meta are different events.  A body
+nested deeper than Python's parser allows (about 900 levels) is refused
+whole with 400, even when the depth is inside one event's meta.  received_at comes from this process's
 clock.  Waitress holds at most CONNECTION_LIMIT client connections and
 closes idle ones after IDLE_CONNECTION_SECONDS; against many slow clients
 on purpose (slowloris), put a buffering proxy in front.  /health shares
@@ -656,7 +658,8 @@ def parse_time(value):
     if not _RFC3339.fullmatch(value):
         return None
     try:
-        parsed = datetime.fromisoformat(value)
+        # fromisoformat takes T and t but only an upper-case Z
+        parsed = datetime.fromisoformat(value.replace("z", "Z"))
     except ValueError:
         return None
     if parsed.tzinfo is None:
@@ -673,11 +676,31 @@ def is_believable(occurred_at, batch):
         return False
 
 
+# A number in exponent form, outside strings.  json writes floats below
+# 1e-4 or from 1e16 that way, and jsonb writes them back out in full:
+# 5e-324 as 326 characters.
+_DIGIT_THEN_EXPONENT = re.compile(r"\d[eE]")
+_STRING_OR_EXPONENT_NUMBER = re.compile(
+    r'"(?:[^"\\]|\\.)*"|-?(\d+(?:\.\d+)?)[eE]([+-]?\d+)'
+)
+
+
 def check_meta(meta, meta_json):
-    """Return what is wrong with an event's meta, or None."""
+    """Return what is wrong with an event's meta, or None.
+
+    The size limit holds for meta as the database stores and serves it,
+    so that a small body cannot become a huge /events/recent answer.
+    """
     size = len(meta_json)
     if size > MAX_META_BYTES or not meta_json.isascii():
         size = len(meta_json.encode("utf-8"))
+    if _DIGIT_THEN_EXPONENT.search(meta_json):
+        for match in _STRING_OR_EXPONENT_NUMBER.finditer(meta_json):
+            mantissa, exponent = match.groups()
+            if exponent is not None:
+                # at most "-0." and the digits, the exponent's places apart
+                written_out = 3 + len(mantissa) + abs(int(exponent))
+                size += written_out - len(match[0])
     if size > MAX_META_BYTES:
         return f"meta is {size} bytes as JSON; the limit is {MAX_META_BYTES}."
 

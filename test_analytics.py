@@ -579,6 +579,9 @@ def test_post_events_meta_at_limit_accepted(api, db, meta):
     pytest.param(event(meta="ratio=1"), r"\bmeta\b", id="meta-a-string"),
     pytest.param(event(meta={"p": "x" * (META_BYTES_LIMIT - 7)}),
                  str(META_BYTES_LIMIT), id="meta-over-16-KiB"),
+    # 12 KiB as sent, but jsonb writes 5e-324 out as 326 characters
+    pytest.param(event(meta={"a": [5e-324] * 2000}),
+                 str(META_BYTES_LIMIT), id="meta-over-16-KiB-written-out"),
     pytest.param(event(meta=nested(META_DEPTH_LIMIT + 1)),
                  rf"\b{META_DEPTH_LIMIT}\b", id="meta-33-levels-of-objects"),
     pytest.param(event(meta=nested(META_DEPTH_LIMIT + 1, list)),
@@ -850,6 +853,23 @@ def test_post_events_at_z_honoured(api, db):
     post_events(api, batch(event(at=iso_z(moment))))
 
     assert stored_events(db)[0]["occurred_at"] == moment
+
+
+def test_post_events_at_lower_case_z_honoured(api, db):
+    moment = moment_from_now(hours=-3)
+
+    post_events(api, batch(event(at=iso_z(moment).replace("Z", "z"))))
+
+    assert stored_events(db)[0]["occurred_at"] == moment
+
+
+def test_post_events_meta_exponent_numbers_within_limit_kept(api, db):
+    meta = {"small": 1.5e-7, "large": -2.25e+21, "list": [1e-300] * 40}
+
+    answer = post_events(api, batch(event(meta=meta)))
+
+    assert answer.json()["inserted"] == 1
+    assert stored_events(db)[0]["meta"] == meta
 
 
 def test_post_events_at_without_offset_is_utc(api, db):
