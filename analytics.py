@@ -37,9 +37,10 @@ jsonb.  Numbers with a fraction or exponent are read as doubles, as a
 browser writes them, so one with more digits than a double holds is
 stored rounded, and 1 and 1.0 in meta are different events.  A body
 nested deeper than Python's parser allows (about 900 levels) is refused
-whole with 400, even when the depth is inside one event's meta.  received_at comes from this process's
-clock.  Waitress holds at most CONNECTION_LIMIT client connections and
-closes idle ones after IDLE_CONNECTION_SECONDS; against many slow clients
+whole with 400, even when the depth is inside one event's meta.
+received_at comes from this process's clock.  Waitress holds at most
+CONNECTION_LIMIT client connections and closes idle ones after
+IDLE_CONNECTION_SECONDS; against many slow clients
 on purpose (slowloris), put a buffering proxy in front.  /health shares
 the server's threads, so while all of them wait on a database that has
 stopped answering it waits its turn (up to WORK_DEADLINE_SECONDS).
