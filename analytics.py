@@ -903,6 +903,9 @@ class Watchdog:
             self._calls.pop(id(call), None)
         return call.cut
 
+    # TODO(a statement can run long after its answer is refused): cutting
+    # the socket leaves the server process working until it next writes;
+    # pg_cancel_backend would stop it at once.
     def _run(self):
         while True:
             time.sleep(self._tick)
