@@ -40,10 +40,10 @@ nested deeper than Python's parser allows (about 900 levels) is refused
 whole with 400, even when the depth is inside one event's meta.
 received_at comes from this process's clock.  Waitress holds at most
 CONNECTION_LIMIT client connections and closes idle ones after
-IDLE_CONNECTION_SECONDS; against many slow clients
-on purpose (slowloris), put a buffering proxy in front.  /health shares
-the server's threads, so while all of them wait on a database that has
-stopped answering it waits its turn (up to WORK_DEADLINE_SECONDS).
+IDLE_CONNECTION_SECONDS; against many slow clients on purpose
+(slowloris), put a buffering proxy in front.  /health shares the server's
+threads, so while all of them wait on a database that has stopped
+answering it waits its turn (up to WORK_DEADLINE_SECONDS).
 """
 
 import hashlib
